@@ -17,12 +17,14 @@ import tempfile
 import tomllib
 from pathlib import Path
 
+import nbformat
+
 ROOT = Path(__file__).resolve().parents[1]
 SOLUTIONS = ROOT / "solutions"
 CHAPTERS = ROOT / "chapters"
 
-COLAB_LINK = re.compile(r"https://colab\.research\.google\.com/github/[^\s)\"'\]]+?/blob/main/(chapters/[^\s)\"'\]]+\.ipynb)")
-INSTALL_SPEC = re.compile(r"git\+https://github\.com/[^\s\"'@]+")
+COLAB_LINK = re.compile(r"https://colab\.research\.google\.com/github/[^\s)\"'\]\\]+?/blob/main/(chapters/[^\s)\"'\]\\]+\.ipynb)")
+INSTALL_SPEC = re.compile(r"git\+https://github\.com/[^\s\"'@\\]+")
 
 
 def repo_url() -> str:
@@ -62,11 +64,26 @@ def generate(release_dir: Path, names: list[str] | None = None) -> None:
             raise RuntimeError(f"nbgrader generate_assignment {name} failed:\n{done.stdout}\n{done.stderr}")
 
 
+def stamp_file(path: Path, write: bool = True) -> bool:
+    """Stamp the links in a Markdown file or in each cell of a notebook; True if anything changed."""
+    if path.suffix == ".ipynb":
+        notebook = nbformat.read(path, as_version=4)
+        changed = False
+        for cell in notebook.cells:
+            if stamp_links(cell.source) != cell.source:
+                cell.source, changed = stamp_links(cell.source), True
+        if changed and write:
+            nbformat.write(notebook, path)
+        return changed
+    text = path.read_text()
+    if stamp_links(text) != text and write:
+        path.write_text(stamp_links(text))
+    return stamp_links(text) != text
+
+
 def main() -> None:
     for path in stamped_files():
-        text = path.read_text()
-        if stamp_links(text) != text:
-            path.write_text(stamp_links(text))
+        if stamp_file(path):
             print(f"updated links in {path.relative_to(ROOT)}")
     with tempfile.TemporaryDirectory() as tmp:
         generate(Path(tmp))

@@ -21,7 +21,7 @@ from ..tokenizers import decode_chars as _decode_chars
 from ..tokenizers import encode_chars as _encode_chars
 from ..tokenizers import merge_pair as _merge_pair
 from ..tokenizers import train_bpe as _train_bpe
-from .core import CheckFailed, Case, Forbidden, check_function
+from .core import Case, CheckFailed, Forbidden, call_learner, check_function, expect
 
 _ALPHABET = string.ascii_letters + string.digits + " .,;:!?'\n-é"
 
@@ -139,3 +139,19 @@ def check_embed_one_hot(embed_one_hot: Callable, cases: int = 6, seed: int = 5) 
         return case.randint(0, vocab, shape), case.randn(vocab, dim, dtype=dtype)
 
     check_function(embed_one_hot, _embed_one_hot, inputs, cases=cases, seed=seed, forbidden=_EMBEDDING_SHORTCUTS)
+
+
+def check_embedding_gradient(embed_one_hot: Callable, seed: int = 6) -> None:
+    """Exercise 5, hidden: the gradient reaches ``weight`` exactly as it does through a lookup."""
+    case = Case(0, seed)
+    ids, weight = case.randint(0, 12, (3, 7)), case.randn(12, 5)
+    upstream = case.randn(3, 7, 5)
+    mine = weight.clone().requires_grad_(True)
+    out = call_learner(embed_one_hot, (ids, mine), "embed_one_hot", "on the gradient test", _EMBEDDING_SHORTCUTS)
+    if not isinstance(out, torch.Tensor) or not out.requires_grad:
+        raise CheckFailed("`embed_one_hot` returned a tensor that does not depend on `weight`, so no gradient reaches it.")
+    (out * upstream).sum().backward()
+    reference = weight.clone().requires_grad_(True)
+    (_embed_one_hot(ids, reference) * upstream).sum().backward()
+    expect(mine.grad, reference.grad, "The gradient of `embed_one_hot` with respect to `weight`")
+    print("✓ embed_one_hot: the gradient reaches the weight matrix as through a lookup.")
