@@ -1,0 +1,48 @@
+"""Shared helpers for the test suite: paths, running notebooks, and nbgrader commands."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+SOLUTION_NOTEBOOKS = sorted(ROOT.glob("solutions/*/*.ipynb"))
+CHAPTER_NOTEBOOKS = sorted(ROOT.glob("chapters/*/*.ipynb"))
+
+
+def execute_notebook(path: Path, allow_errors: bool = False, timeout: int = 300) -> nbformat.NotebookNode:
+    """Execute a notebook in its own folder with the real kernel, as a learner would; return it with outputs."""
+    notebook = nbformat.read(path, as_version=4)
+    client = NotebookClient(
+        notebook,
+        timeout=timeout,
+        kernel_name="python3",
+        allow_errors=allow_errors,
+        resources={"metadata": {"path": str(path.parent)}},
+    )
+    client.execute()
+    return notebook
+
+
+def errors_of(cell) -> list:
+    return [o for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+
+
+def nbgrader(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a real ``nbgrader`` command in ``cwd`` with this interpreter; fail with its output if it fails."""
+    done = subprocess.run([sys.executable, "-m", "nbgrader", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+    if done.returncode != 0:
+        pytest.fail(f"nbgrader {' '.join(args)} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return done
+
+
+def nbgrader_meta(cell) -> dict:
+    return cell.get("metadata", {}).get("nbgrader", {})
