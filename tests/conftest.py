@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,10 @@ from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
+
+# The suite runs as `.venv/bin/python -m pytest` without activating the environment; nbgrader
+# shells out to tools installed beside this interpreter (alembic), so put them on PATH as activation would.
+os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
 
 SOLUTION_NOTEBOOKS = sorted(ROOT.glob("solutions/*/*.ipynb"))
 CHAPTER_NOTEBOOKS = sorted(ROOT.glob("chapters/*/*.ipynb"))
