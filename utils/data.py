@@ -126,3 +126,8 @@ def train_val_split(text: str, val_fraction: float = 0.1) -> tuple[str, str]:
         raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}.")
     cut = int(len(text) * (1.0 - val_fraction))
     return text[:cut], text[cut:]
+
+
+if __name__ == "__main__":  # `python -m utils.data`: fetch and cache the corpus now, so later work needs no network
+    corpus = load_shakespeare()
+    print(f"{len(set(corpus))} distinct characters; ready.")
