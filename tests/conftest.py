@@ -12,7 +12,8 @@ import pytest
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(ROOT / "tools"))  # tests import tools/chapters.py
+sys.path.insert(0, str(ROOT / "benchmarks"))  # and the benchmarks' plain baselines
 
 # The suite runs as `.venv/bin/python -m pytest` without activating the environment; nbgrader
 # shells out to tools installed beside this interpreter (alembic), so put them on PATH as activation would.

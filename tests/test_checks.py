@@ -1,6 +1,7 @@
 """The shared check core: every kind of mistake becomes one readable sentence, never the answer."""
 
 import re
+import types
 
 import pytest
 import torch
@@ -119,6 +120,18 @@ def test_forbidden_torch_function_and_python_function():
     assert "used the reference merge_pair" in message
 
 
+def test_calling_the_reference_itself_is_rejected():
+    from utils.tokenizers import count_pairs as course_count_pairs
+
+    message = failure(lambda ids: course_count_pairs(ids), reference=tokenizers.count_pairs,
+                      make=lambda c: ([1, 2, 1, 2],))
+    assert message == "`f` used the course's own utils.tokenizers.count_pairs, a shortcut this exercise asks you to do without."
+    bpe = tokenizers.BPETokenizer({(1, 2): 256})
+    message = failure(lambda text, merges: bpe.encode(text), reference=tokenizers.bpe_encode,
+                      make=lambda c: ("abc", {(1, 2): 256}))
+    assert "used the course's own utils.tokenizers.bpe_encode" in message
+
+
 def test_inputs_are_copied_so_mutation_cannot_fool_the_reference():
     def mutate(ids):
         ids.append(99)
@@ -173,7 +186,7 @@ def bpe_by_frequency(text, merges):
         (lambda f: checks.ch01.check_bpe_encode(f, cases=40), bpe_by_frequency, "`bpe_by_frequency` returned"),
         (lambda f: checks.ch01.check_embed_one_hot(f), lambda ids, w: w[ids], "used indexing with a tensor of ids"),
         (lambda f: checks.ch01.check_embed_one_hot(f), lambda ids, w: F.one_hot(ids).float() @ w, "`<lambda>` r"),
-        (lambda f: checks.ch01.check_char_tokenizer(f, tokenizers.decode_chars),
+        (lambda f: checks.ch01.check_char_tokenizer(f, copy_of(tokenizers.decode_chars)),
          lambda text, vocab: [vocab.index(c) + 1 for c in text], "`<lambda>` returned"),
     ],
 )
@@ -183,11 +196,16 @@ def test_chapter01_checks_reject_typical_mistakes(check, wrong, expected):
     assert expected in str(info.value)
 
 
-def test_chapter01_checks_accept_the_reference():
-    checks.ch01.check_char_tokenizer(tokenizers.encode_chars, tokenizers.decode_chars)
-    checks.ch01.check_count_pairs(tokenizers.count_pairs)
-    checks.ch01.check_merge_pair(tokenizers.merge_pair, cases=40)
-    checks.ch01.check_bpe_encode(tokenizers.bpe_encode, cases=40)
+def copy_of(fn):
+    """The same code as a learner's own function object (the reference itself counts as a shortcut)."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__)
+
+
+def test_chapter01_checks_accept_correct_answers():
+    checks.ch01.check_char_tokenizer(copy_of(tokenizers.encode_chars), copy_of(tokenizers.decode_chars))
+    checks.ch01.check_count_pairs(copy_of(tokenizers.count_pairs))
+    checks.ch01.check_merge_pair(copy_of(tokenizers.merge_pair), cases=40)
+    checks.ch01.check_bpe_encode(copy_of(tokenizers.bpe_encode), cases=40)
     one_hot = lambda ids, w: F.one_hot(ids, w.shape[0]).to(w.dtype) @ w  # noqa: E731
     checks.ch01.check_embed_one_hot(one_hot)
     checks.ch01.check_embedding_gradient(one_hot)

@@ -88,6 +88,11 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def _qualified(fn: Callable) -> str:
+    module = getattr(fn, "__module__", "") or ""
+    return f"{module}.{getattr(fn, '__name__', 'function')}".lstrip(".")
+
+
 def _index(path: tuple) -> str:
     return "".join(f"[{p!r}]" for p in path)
 
@@ -224,12 +229,14 @@ class _forbid:
 
     def __init__(self, rules: Sequence[Forbidden]):
         self.rules = list(rules)
-        self.codes = {r.func.__code__: r for r in self.rules if hasattr(r.func, "__code__")}
+        # Keyed by identity: code objects compare equal by content, and only the course's own
+        # function object is the shortcut, not a learner's function that happens to look like it.
+        self.codes = {id(r.func.__code__): r for r in self.rules if hasattr(r.func, "__code__")}
         self.used: Forbidden | None = None
 
     def _profile(self, frame, event, arg):
-        if event == "call" and frame.f_code in self.codes and self.used is None:
-            self.used = self.codes[frame.f_code]
+        if event == "call" and id(frame.f_code) in self.codes and self.used is None:
+            self.used = self.codes[id(frame.f_code)]
 
     def __enter__(self):
         self.mode = _Tripwire(self.rules).__enter__()
@@ -292,14 +299,16 @@ def check_function(
 ) -> int:
     """Compare ``fn`` with ``reference`` on ``cases`` seeded inputs from ``make_inputs(case)``.
 
-    Raises :class:`CheckFailed` with one sentence at the first difference; prints a short
-    success line and returns the number of inputs checked otherwise. Inputs are deep-copied for
+    Raises :class:`CheckFailed` with one sentence at the first difference, or when ``fn`` calls
+    ``reference`` or anything in ``forbidden``; prints a short success line and returns the
+    number of inputs checked otherwise. Inputs are deep-copied for
     each call, so a function that modifies its arguments cannot change what the reference sees.
     """
     if not callable(fn):
         raise CheckFailed(f"Expected a function to check, got {describe(fn)}.")
     name = name or getattr(fn, "__name__", "your function")
-    forbidden = tuple(forbidden)
+    # Calling the course's own reference is always a shortcut: the exercise is to write it.
+    forbidden = (*forbidden, Forbidden(reference, f"the course's own {_qualified(reference)}"))
     for index in range(cases):
         case = Case(index=index, seed=seed * 10_007 + index)
         args = make_inputs(case)
