@@ -6,6 +6,8 @@ One module per concept; each function's docstring names the chapter that teaches
     data        the course corpus with an offline fallback             (chapter 01 on)
     tokenizers  character tokenizer and byte-pair encoding             (chapter 01)
     embeddings  embedding lookup as a one-hot matrix product           (chapter 01)
+    timing      best-of-N timing for notebooks and benchmarks
+    viz         plots and the closing results table of each chapter
     checks      graders for the exercises, one module per chapter
 
 ``QUICK`` is the one switch a notebook may read to shorten long training loops
