@@ -41,3 +41,4 @@ def test_student_notebook_fails_only_in_its_checks(path):
     for grade_id, error in failing.items():
         assert error["ename"] in ("ExerciseNotDone", "NotImplementedError"), f"{grade_id}: {error['ename']}: {error['evalue']}"
         assert "not implemented yet" in error["evalue"]
+        assert len(error["traceback"]) == 1, f"{grade_id} shows a traceback instead of one sentence"
