@@ -120,6 +120,18 @@ def test_forbidden_torch_function_and_python_function():
     assert "used the reference merge_pair" in message
 
 
+def test_catching_the_shortcut_error_does_not_hide_the_shortcut():
+    def sneaky(ids, w):
+        try:
+            return F.embedding(ids, w)
+        except Exception:
+            return w[ids.tolist()]
+
+    message = failure(sneaky, reference=lambda ids, w: w[ids], make=lambda c: (torch.tensor([0, 1]), torch.eye(2)),
+                      forbidden=[Forbidden(F.embedding, "F.embedding")])
+    assert "used F.embedding" in message
+
+
 def test_calling_the_reference_itself_is_rejected():
     from utils.tokenizers import count_pairs as course_count_pairs
 

@@ -11,7 +11,6 @@ import nbformat
 import pytest
 from nbgrader.api import Gradebook
 
-import chapters as chapter_tool
 from conftest import ROOT, nbgrader, nbgrader_meta
 
 CHAPTER = "01_tokens_and_embeddings"

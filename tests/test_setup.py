@@ -31,7 +31,7 @@ def pins() -> dict[str, str]:
 
 
 def requirement_name(spec: str) -> str:
-    return re.split(r"[<>=!~\[ ;@]", spec, 1)[0].lower()
+    return re.split(r"[<>=!~\[ ;@]", spec, maxsplit=1)[0].lower()
 
 
 def project() -> dict:

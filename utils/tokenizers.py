@@ -21,8 +21,8 @@ from typing import Iterable, Sequence
 Pair = tuple[int, int]
 
 # GPT-2's pre-tokenizer, written for Python's `re`: contractions, words with their leading space,
-# digit runs, runs of everything else (punctuation, underscores, emoji), whitespace. BPE never merges across these chunk boundaries, so
-# " the" becomes one token but "the." never does.
+# digit runs, runs of everything else (punctuation, underscores, emoji), whitespace. BPE never
+# merges across these chunk boundaries, so " the" becomes one token but "the." never does.
 CHUNK_PATTERN = re.compile(
     r"""'(?:[sdmt]|ll|ve|re)| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+""", re.UNICODE
 )

@@ -213,13 +213,15 @@ class _ShortcutUsed(Exception):
 class _Tripwire(TorchFunctionMode):
     """Sees every torch function the learner's code calls; raises on a forbidden one."""
 
-    def __init__(self, rules: Sequence[Forbidden]):
+    def __init__(self, rules: Sequence[Forbidden], guard: "_forbid"):
         super().__init__()
         self.rules = [r for r in rules if not hasattr(r.func, "__code__")]
+        self.guard = guard
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         for rule in self.rules:
             if func is rule.func and (rule.when is None or rule.when(args)):
+                self.guard.used = self.guard.used or rule  # recorded even if the learner's code catches the error
                 raise _ShortcutUsed(rule)
         return func(*args, **(kwargs or {}))
 
@@ -239,7 +241,7 @@ class _forbid:
             self.used = self.codes[id(frame.f_code)]
 
     def __enter__(self):
-        self.mode = _Tripwire(self.rules).__enter__()
+        self.mode = _Tripwire(self.rules, self).__enter__()
         if self.codes:
             self.previous_profile = sys.getprofile()
             sys.setprofile(self._profile)
