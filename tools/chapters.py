@@ -70,15 +70,17 @@ def stamp_file(path: Path, write: bool = True) -> bool:
         notebook = nbformat.read(path, as_version=4)
         changed = False
         for cell in notebook.cells:
-            if stamp_links(cell.source) != cell.source:
-                cell.source, changed = stamp_links(cell.source), True
+            stamped = stamp_links(cell.source)
+            if stamped != cell.source:
+                cell.source, changed = stamped, True
         if changed and write:
             nbformat.write(notebook, path)
         return changed
     text = path.read_text()
-    if stamp_links(text) != text and write:
-        path.write_text(stamp_links(text))
-    return stamp_links(text) != text
+    stamped = stamp_links(text)
+    if stamped != text and write:
+        path.write_text(stamped)
+    return stamped != text
 
 
 def main() -> None:

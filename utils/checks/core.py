@@ -257,8 +257,14 @@ class _forbid:
 # ---------------------------------------------------------------- the check
 
 
-def call_learner(fn: Callable, args: tuple, name: str, label: str, forbidden: Sequence[Forbidden] = ()) -> Any:
-    """Call the learner's ``fn(*args)``; turn any exception or forbidden call into one CheckFailed sentence."""
+def call_learner(fn: Callable, args: tuple, name: str, label: str, forbidden: Sequence[Forbidden] = (),
+                 reference: Callable | None = None) -> Any:
+    """Call the learner's ``fn(*args)``; turn any exception or forbidden call into one CheckFailed sentence.
+
+    Calling ``reference``, the course's own version of the exercise, counts as a forbidden shortcut.
+    """
+    if reference is not None:
+        forbidden = (*forbidden, Forbidden(reference, f"the course's own {_qualified(reference)}"))
     guard = _forbid(forbidden)
     try:
         with guard:
@@ -303,20 +309,19 @@ def check_function(
 
     Raises :class:`CheckFailed` with one sentence at the first difference, or when ``fn`` calls
     ``reference`` or anything in ``forbidden``; prints a short success line and returns the
-    number of inputs checked otherwise. Inputs are deep-copied for
-    each call, so a function that modifies its arguments cannot change what the reference sees.
+    number of inputs checked otherwise. Inputs are deep-copied for each call, so a function that
+    modifies its arguments cannot change what the reference sees.
     """
     if not callable(fn):
         raise CheckFailed(f"Expected a function to check, got {describe(fn)}.")
     name = name or getattr(fn, "__name__", "your function")
-    # Calling the course's own reference is always a shortcut: the exercise is to write it.
-    forbidden = (*forbidden, Forbidden(reference, f"the course's own {_qualified(reference)}"))
+    forbidden = tuple(forbidden)
     for index in range(cases):
         case = Case(index=index, seed=seed * 10_007 + index)
         args = make_inputs(case)
         expected = reference(*copy.deepcopy(args))
         label = f"on test input #{index + 1} ({', '.join(describe(a) for a in args)})"
-        got = call_learner(fn, copy.deepcopy(args), name, label, forbidden)
+        got = call_learner(fn, copy.deepcopy(args), name, label, forbidden, reference=reference)
         found = difference(got, expected, atol=atol, rtol=rtol)
         if found:
             raise CheckFailed(f"`{name}` returned {found} {label}.")
