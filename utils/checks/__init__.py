@@ -6,7 +6,7 @@ In a notebook::
     checks.ch01.check_merge_pair(merge_pair)
 """
 
-from . import ch01, core
+from . import ch01, ch02, ch03, ch04, ch05, core
 from .core import CheckFailed, ExerciseNotDone, check_function, expect
 
-__all__ = ["core", "ch01", "CheckFailed", "ExerciseNotDone", "check_function", "expect"]
+__all__ = ["core", "ch01", "ch02", "ch03", "ch04", "ch05", "CheckFailed", "ExerciseNotDone", "check_function", "expect"]

@@ -1,0 +1,3 @@
+"""Checks for chapter 03, multi-head attention and position."""
+
+from __future__ import annotations

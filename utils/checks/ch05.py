@@ -1,0 +1,3 @@
+"""Checks for chapter 05, training and generation."""
+
+from __future__ import annotations
