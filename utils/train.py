@@ -119,8 +119,12 @@ class History:
 
 
 def train(model: GPT, train_data: torch.Tensor, val_data: torch.Tensor, config: TrainConfig,
-          device: torch.device | str = "cpu", progress: bool = True) -> History:
-    """Train ``model`` in place for ``config.max_steps`` steps; evaluate every ``eval_interval`` (chapter 05)."""
+          device: torch.device | str = "cpu", progress: bool = True, stop_at_val_loss: float | None = None) -> History:
+    """Train ``model`` in place for ``config.max_steps`` steps; evaluate every ``eval_interval`` (chapter 05).
+
+    ``stop_at_val_loss`` ends the run at the first evaluation at or below it (benchmarks use it
+    to measure the time to a target loss).
+    """
     from tqdm.auto import tqdm
 
     from .device import autocast
@@ -156,8 +160,10 @@ def train(model: GPT, train_data: torch.Tensor, val_data: torch.Tensor, config: 
             history.seconds.append(time.perf_counter() - start)
             running, count = 0.0, 0
             bar.set_postfix(train=f"{history.train_loss[-1]:.3f}", val=f"{val:.3f}")
+            if stop_at_val_loss is not None and val <= stop_at_val_loss:
+                break
     elapsed = time.perf_counter() - start
-    history.tokens_per_second = config.max_steps * config.batch_size * context / max(elapsed, 1e-9)
+    history.tokens_per_second = len(history.learning_rates) * config.batch_size * context / max(elapsed, 1e-9)
     model.eval()
     return history
 
