@@ -56,6 +56,23 @@ class GPTConfig:
 # ---------------------------------------------------------------- normalisation
 
 
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` over the last axis (chapter 04, exercise 1).
+
+    The variance is the biased one (divide by d, not d - 1), as in the paper and PyTorch, and
+    ``eps`` sits inside the square root so that a constant row gives ``bias``, not a division by zero.
+    """
+    mean = x.mean(-1, keepdim=True)
+    variance = (x - mean).pow(2).mean(-1, keepdim=True)
+    y = (x - mean) * torch.rsqrt(variance + eps) * weight
+    return y + bias if bias is not None else y
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """``x / sqrt(mean(x²) + eps) * weight`` over the last axis: no mean, no shift (chapter 04, exercise 2)."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
 class LayerNorm(nn.Module):
     """Subtract the mean, divide by the standard deviation, then scale and shift (chapter 04)."""
 
@@ -66,10 +83,7 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(d_model)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = x.mean(-1, keepdim=True)
-        variance = (x - mean).pow(2).mean(-1, keepdim=True)  # biased, as in the paper and PyTorch
-        y = (x - mean) * torch.rsqrt(variance + self.eps) * self.weight
-        return y + self.bias if self.bias is not None else y
+        return layer_norm(x, self.weight, self.bias, self.eps)
 
 
 class RMSNorm(nn.Module):
@@ -81,7 +95,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d_model))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        return rms_norm(x, self.weight, self.eps)
 
 
 def make_norm(config: GPTConfig) -> nn.Module:
@@ -116,6 +130,15 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(self.activation(self.up(x)))
+
+
+def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """``(silu(x W_gate) ⊙ x W_up) W_down`` without biases (chapter 04, exercise 3).
+
+    Weights in the equation's layout: ``w_gate`` and ``w_up`` are ``(d_model, d_hidden)``, ``w_down``
+    is ``(d_hidden, d_model)``; :class:`SwiGLU` holds the same matrices transposed, as ``nn.Linear`` does.
+    """
+    return (F.silu(x @ w_gate) * (x @ w_up)) @ w_down
 
 
 class SwiGLU(nn.Module):
