@@ -282,8 +282,9 @@ def test_typical_mistakes_are_named(check, wrong, expected):
          "the course's own utils.attention.scaled_dot_product_attention"),
         (checks.ch03.check_multi_head_attention, mha_with_course_module(fused=False),
          "the course's own utils.attention.MultiHeadAttention"),
-        # The module's default fused path is refused too, named by the kernel it calls.
-        (checks.ch03.check_multi_head_attention, mha_with_course_module(fused=True), "scaled_dot_product_attention"),
+        # The module's default fused path is refused too, named by the module the learner called.
+        (checks.ch03.check_multi_head_attention, mha_with_course_module(fused=True),
+         "the course's own utils.attention.MultiHeadAttention"),  # the outer shortcut, not the kernel inside it
         (checks.ch03.check_multi_head_attention, mha_with_torch_module, "multi_head_attention_forward"),
         (lambda f: checks.ch03.check_heads(f, merge_right), lambda x, n: attention.split_heads(x, n),
          "the course's own utils.attention.split_heads"),
