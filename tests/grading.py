@@ -629,7 +629,7 @@ class Graded:
 
 
 def grade_course(folder: Path, chapter_name: str, build: Callable[[Chapter, Path], tuple[dict, dict]],
-                 env: dict) -> Graded:
+                 env: dict, timeout: int = TIMEOUT_S) -> Graded:
     """The instructor workflow with real commands: generate, release, fetch/submit/collect (the ``exchange``
     submissions), the rest copied into submitted/, pregrade, autograde, report, generate_feedback, export.
 
@@ -637,7 +637,7 @@ def grade_course(folder: Path, chapter_name: str, build: Callable[[Chapter, Path
     made from the student notebook that generate_assignment has just written.
     """
     chapter = Chapter.load(chapter_name)
-    course = make_course(folder, chapter_name, env)
+    course = make_course(folder, chapter_name, env, timeout=timeout)
     submissions, exchange = build(chapter, release_path(course, chapter_name))
     if exchange:
         run("-m", "nbgrader", "release_assignment", chapter_name, cwd=course, env=env)

@@ -13,3 +13,11 @@ def test_bpe_benchmark_runs_and_its_trainers_agree():
     assert done.returncode == 0, done.stderr
     assert "identical merges" in done.stdout and "x faster" in done.stdout
     assert "vocabulary 300: train" in done.stdout
+
+
+def test_training_benchmark_runs_both_configurations():
+    done = subprocess.run([sys.executable, "benchmarks/training.py", "--steps", "4"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "course default (chapter 05)" in done.stdout and "nanoGPT CPU configuration" in done.stdout
+    assert "in the course's favour" in done.stdout and "tokens/s" in done.stdout
