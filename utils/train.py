@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from . import QUICK
+from .device import autocast
 from .model import GPT, GPTConfig
 
 
@@ -102,6 +103,25 @@ def evaluate(model: GPT, data: torch.Tensor, batch_size: int, batches: int, seed
 # ---------------------------------------------------------------- the loop
 
 
+def train_step(model: GPT, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, lr: float,
+               grad_clip: float, device: torch.device | str = "cpu") -> tuple[float, float]:
+    """One optimisation step: set the rate, forward, backward, clip, update (chapter 05).
+
+    Returns the loss and the gradient norm *before* clipping. Clipping rescales the whole
+    gradient when its norm exceeds ``grad_clip`` (0 turns it off): the direction is kept, one
+    unlucky batch just cannot take a huge step.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with autocast(device):
+        _, loss = model(x.to(device), y.to(device))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip else float("inf"))
+    optimizer.step()
+    return loss.item(), float(grad_norm)
+
+
 @dataclass
 class History:
     """What a run measured: losses at evaluation points, learning rate per step, speed."""
@@ -110,6 +130,7 @@ class History:
     train_loss: list[float] = field(default_factory=list)  # mean training loss since the last evaluation
     val_loss: list[float] = field(default_factory=list)
     learning_rates: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)  # per step, before clipping
     seconds: list[float] = field(default_factory=list)  # wall time at each evaluation
     tokens_per_second: float = 0.0
 
@@ -127,8 +148,6 @@ def train(model: GPT, train_data: torch.Tensor, val_data: torch.Tensor, config: 
     """
     from tqdm.auto import tqdm
 
-    from .device import autocast
-
     device = torch.device(device)
     model.to(device).train()
     optimizer = make_optimizer(model, config)
@@ -139,18 +158,11 @@ def train(model: GPT, train_data: torch.Tensor, val_data: torch.Tensor, config: 
     bar = tqdm(range(config.max_steps), desc="training", disable=not progress, mininterval=1.0)
     for step in bar:
         lr = learning_rate(step, config.max_lr, config.min_lr, config.warmup_steps, config.max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         x, y = get_batch(train_data, config.batch_size, context, generator)
-        with autocast(device):
-            _, loss = model(x.to(device), y.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
+        loss, grad_norm = train_step(model, optimizer, x, y, lr, config.grad_clip, device)
         history.learning_rates.append(lr)
-        running, count = running + loss.item(), count + 1
+        history.grad_norms.append(grad_norm)
+        running, count = running + loss, count + 1
         last = step == config.max_steps - 1
         if (step + 1) % config.eval_interval == 0 or last:
             val = evaluate(model, val_data, config.batch_size, config.eval_batches)
