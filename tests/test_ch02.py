@@ -1,30 +1,16 @@
 """Chapter 02: the checks pass the reference answers and name each typical mistake; the explorer draws."""
 
 import math
-import types
 
 import matplotlib
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import copy_of, rejection
 
 from utils import attention, checks, viz
 
 matplotlib.use("Agg")
-
-
-def copy_of(fn):
-    """The same code as a learner's own function object (the reference itself counts as a shortcut)."""
-    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__)
-
-
-def rejection(check, answer) -> str:
-    with pytest.raises(checks.CheckFailed) as info:
-        check(answer)
-    message = str(info.value)
-    assert "\n" not in message, "a check message must be one line"
-    assert "tensor(" not in message, "a check message must never print a tensor"
-    return message
 
 
 # ---------------------------------------------------------------- answers, right and wrong

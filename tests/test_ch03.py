@@ -1,29 +1,14 @@
 """Chapter 03: the checks pass right answers, name each typical mistake in one sentence, and refuse shortcuts."""
 
 import math
-import types
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import copy_of, rejection
 from torch import nn
 
 from utils import attention, checks, positions
-
-
-def copy_of(fn):
-    """The same code as a learner's own function object (the reference itself counts as a shortcut)."""
-    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__)
-
-
-def rejection(check, answer) -> str:
-    with pytest.raises(checks.CheckFailed) as info:
-        check(answer)
-    message = str(info.value)
-    assert "\n" not in message, "a check message must be one line"
-    assert "tensor(" not in message, "a check message must never print a tensor"
-    return message
-
 
 # ---------------------------------------------------------------- exercise 1: heads, right and wrong
 

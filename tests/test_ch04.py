@@ -1,29 +1,15 @@
 """Chapter 04's checks: correct answers pass, classic mistakes fail with one sentence that names them."""
 
-import types
 from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import copy_of
+from conftest import rejection as failure
 
 from utils import checks, model
 from utils.checks import ch04
-
-
-def copy_of(fn):
-    """The same code as a learner's own function object (the reference itself counts as a shortcut)."""
-    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__)
-
-
-def failure(check, answer) -> str:
-    with pytest.raises(checks.CheckFailed) as info:
-        check(answer)
-    message = str(info.value)
-    assert "\n" not in message, "a check message must be one line"
-    assert "tensor(" not in message, "a check never prints a tensor"
-    return message
-
 
 # ---------------------------------------------------------------- correct answers
 

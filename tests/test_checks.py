@@ -1,11 +1,11 @@
 """The shared check core: every kind of mistake becomes one readable sentence, never the answer."""
 
 import re
-import types
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import copy_of
 
 from utils import checks, tokenizers
 from utils.checks.core import Forbidden, check_function, difference, expect
@@ -206,11 +206,6 @@ def test_chapter01_checks_reject_typical_mistakes(check, wrong, expected):
     with pytest.raises(checks.CheckFailed) as info:
         check(wrong)
     assert expected in str(info.value)
-
-
-def copy_of(fn):
-    """The same code as a learner's own function object (the reference itself counts as a shortcut)."""
-    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__)
 
 
 def test_chapter01_checks_accept_correct_answers():

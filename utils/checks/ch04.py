@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,7 @@ from .core import (
     CheckFailed,
     Forbidden,
     call_learner,
+    check_function,
     describe,
     difference,
     expect,
@@ -46,35 +47,9 @@ from .core import (
 _FLOAT32_TOLERANCE = {"atol": 1e-5, "rtol": 1e-4}  # different but correct orders of float32 sums differ by ~1e-6
 
 
-def _compare(fn: Callable, reference: Callable, make_inputs: Callable[[Case], tuple], *, name: str, cases: int,
-             seed: int, forbidden: Sequence[Forbidden] = (), mistakes: Sequence[tuple[str, Callable]] = (),
-             atol: float = 1e-5, rtol: float = 1e-4) -> None:
-    """Like :func:`core.check_function`, but a wrong answer that equals a known mistake is named.
-
-    ``mistakes`` holds ``(phrase, wrong_function)`` pairs; the phrase completes the sentence
-    "`name` <phrase> (on test input #i)".
-    """
-    if not callable(fn):
-        raise CheckFailed(f"Expected a function to check, got {describe(fn)}.")
-    for index in range(cases):
-        case = Case(index=index, seed=seed * 10_007 + index)
-        args = make_inputs(case)
-        expected = reference(*copy.deepcopy(args))
-        label = f"on test input #{index + 1} ({', '.join(describe(a) for a in args)})"
-        got = call_learner(fn, copy.deepcopy(args), name, label, forbidden, reference=reference)
-        found = difference(got, expected, atol=atol, rtol=rtol)
-        if not found:
-            continue
-        if isinstance(got, torch.Tensor) and got.shape == expected.shape and got.dtype == expected.dtype:
-            for phrase, wrong in mistakes:
-                try:
-                    mistaken = wrong(*copy.deepcopy(args))
-                except Exception:  # noqa: BLE001, S112 - a mistake that cannot run on this input is not the one made
-                    continue
-                if difference(got, mistaken, atol=atol, rtol=rtol) is None:
-                    raise CheckFailed(f"`{name}` {phrase} (test input #{index + 1}).")
-        raise CheckFailed(f"`{name}` returned {found} {label}.")
-    print(f"✓ {name}: all {cases} test inputs match the reference.")
+def _compare(*args, atol: float = 1e-5, rtol: float = 1e-4, **kwargs) -> None:
+    """:func:`core.check_function` with float32 tolerances; a wrong answer equal to a known mistake is named."""
+    check_function(*args, atol=atol, rtol=rtol, **kwargs)
 
 
 # ---------------------------------------------------------------- exercise 1: LayerNorm

@@ -319,12 +319,15 @@ def check_function(
     atol: float = 1e-6,
     rtol: float = 1e-5,
     forbidden: Iterable[Forbidden] = (),
+    mistakes: Sequence[tuple[str, Callable]] = (),
     quiet: bool = False,
 ) -> int:
     """Compare ``fn`` with ``reference`` on ``cases`` seeded inputs from ``make_inputs(case)``.
 
     Raises :class:`CheckFailed` with one sentence at the first difference, or when ``fn`` calls
-    ``reference`` or anything in ``forbidden``; prints a short success line and returns the
+    ``reference`` or anything in ``forbidden``. ``mistakes`` holds ``(phrase, wrong_function)``
+    pairs: a wrong answer that equals one of them is named ("`name` <phrase> (test input #i)")
+    instead of described by its first differing element. Prints a short success line and returns the
     number of inputs checked otherwise. Inputs are deep-copied for each call, so a function that
     modifies its arguments cannot change what the reference sees.
     """
@@ -341,10 +344,26 @@ def check_function(
         got = call_learner(fn, copy.deepcopy(args), name, label, forbidden, reference=reference)
         found = difference(got, expected, atol=atol, rtol=rtol)
         if found:
+            _name_the_mistake(got, expected, args, mistakes, name, index, atol, rtol)
             raise CheckFailed(f"`{name}` returned {found} {label}.")
     if not quiet:
         print(f"✓ {name}: all {cases} test inputs match the reference.")
     return cases
+
+
+def _name_the_mistake(got: Any, expected: Any, args: tuple, mistakes: Sequence[tuple[str, Callable]], name: str,
+                      index: int, atol: float, rtol: float) -> None:
+    """Raise a CheckFailed naming the known mistake that ``got`` equals, if there is one."""
+    if not (isinstance(got, torch.Tensor) and isinstance(expected, torch.Tensor)
+            and got.shape == expected.shape and got.dtype == expected.dtype):
+        return
+    for phrase, wrong in mistakes:
+        try:
+            mistaken = wrong(*copy.deepcopy(args))
+        except Exception:  # noqa: BLE001, S112 - a mistake that cannot run on this input is not the one made
+            continue
+        if difference(got, mistaken, atol=atol, rtol=rtol) is None:
+            raise CheckFailed(f"`{name}` {phrase} (test input #{index + 1}).")
 
 
 # ---------------------------------------------------------------- the checks guard themselves
