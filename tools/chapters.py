@@ -1,6 +1,7 @@
 """Regenerate the student notebooks in chapters/ from the instructor notebooks in solutions/.
 
     python tools/chapters.py            # stamp links, then run nbgrader for every chapter
+    python tools/chapters.py 06_x 07_y  # the same for the named chapters only
 
 The repository URL lives in one place, ``[project.urls] Repository`` in pyproject.toml. This
 script writes it into each notebook's "Open in Colab" badge and Colab install line, and into the
@@ -83,13 +84,17 @@ def stamp_file(path: Path, write: bool = True) -> bool:
     return stamped != text
 
 
-def main() -> None:
+def main(names: list[str] | None = None) -> None:
+    names = names or assignments()
+    unknown = sorted(set(names) - set(assignments()))
+    if unknown:
+        sys.exit(f"no chapter in solutions/ named {', '.join(unknown)}; chapters are {', '.join(assignments())}")
     for path in stamped_files():
         if stamp_file(path):
             print(f"updated links in {path.relative_to(ROOT)}")
     with tempfile.TemporaryDirectory() as tmp:
-        generate(Path(tmp))
-        for name in assignments():
+        generate(Path(tmp), names)
+        for name in names:
             target = CHAPTERS / name
             if target.exists():
                 for old in target.iterdir():
@@ -103,4 +108,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
