@@ -71,20 +71,19 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout: float) -> None:
 @contextlib.contextmanager
 def server(command: list[str], port: int, cwd: Path, env: dict | None = None, timeout: float = 60) -> Iterator[subprocess.Popen]:
     """Run a local server (bound to 127.0.0.1 by its command) for the duration of the block, then stop it."""
-    log = tempfile.TemporaryFile()
-    process = subprocess.Popen(command, cwd=cwd, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
-    try:
-        wait_for_port(port, process, timeout)
-        yield process
-    finally:
-        process.terminate()
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(command, cwd=cwd, env={**os.environ, **(env or {})}, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=15)
-        log.close()
+            wait_for_port(port, process, timeout)
+            yield process
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=15)
 
 
 @contextlib.contextmanager
@@ -107,6 +106,8 @@ def chromium_page(width: int = 1400, height: int = 1000, offline: bool = True):
             page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
             page.on("console", lambda message: problems.append(f"console {message.type}: {message.text}")
                     if message.type == "error" else None)
+            page.on("response", lambda response: problems.append(f"HTTP {response.status}: {response.url}")
+                    if response.status >= 400 else None)
             if offline:
                 def only_local(route):
                     host = route.request.url.split("/")[2].split(":")[0] if "://" in route.request.url else ""

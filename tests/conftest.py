@@ -39,6 +39,26 @@ def execute_notebook(path: Path, allow_errors: bool = False, timeout: int = 300)
     return notebook
 
 
+_EXECUTED_SOLUTIONS: dict[Path, tuple[nbformat.NotebookNode, float]] = {}
+
+
+def executed_solution(path: Path) -> tuple[nbformat.NotebookNode, float]:
+    """An instructor notebook executed once per test session, and the seconds that took.
+
+    The notebook tests check it; the book test renders the same executions instead of running
+    every chapter a second time. Callers get a copy they may change.
+    """
+    import copy
+    import time
+
+    if path not in _EXECUTED_SOLUTIONS:
+        start = time.perf_counter()
+        notebook = execute_notebook(path)
+        _EXECUTED_SOLUTIONS[path] = (notebook, time.perf_counter() - start)
+    notebook, seconds = _EXECUTED_SOLUTIONS[path]
+    return copy.deepcopy(notebook), seconds
+
+
 def errors_of(cell) -> list:
     return [o for o in cell.get("outputs", []) if o.get("output_type") == "error"]
 

@@ -1,10 +1,14 @@
 """Every notebook runs top to bottom on CPU: solutions cleanly, student versions failing only in their checks."""
 
-import time
-
 import pytest
-
-from conftest import CHAPTER_NOTEBOOKS, SOLUTION_NOTEBOOKS, errors_of, execute_notebook, nbgrader_meta
+from conftest import (
+    CHAPTER_NOTEBOOKS,
+    SOLUTION_NOTEBOOKS,
+    errors_of,
+    execute_notebook,
+    executed_solution,
+    nbgrader_meta,
+)
 
 # Chapter 01 must run in under 2 minutes on a laptop CPU; later chapters in under 5.
 TIME_LIMIT_SECONDS = {"01_tokens_and_embeddings": 120}
@@ -14,9 +18,7 @@ DEFAULT_LIMIT_SECONDS = 300
 @pytest.mark.notebook
 @pytest.mark.parametrize("path", SOLUTION_NOTEBOOKS, ids=lambda p: p.parent.name)
 def test_solution_notebook_runs_clean(path):
-    start = time.perf_counter()
-    notebook = execute_notebook(path)
-    seconds = time.perf_counter() - start
+    notebook, seconds = executed_solution(path)  # shared with the book test (test_book.py)
     limit = TIME_LIMIT_SECONDS.get(path.parent.name, DEFAULT_LIMIT_SECONDS)
     assert seconds < limit, f"{path.name} took {seconds:.0f} s, over its {limit} s budget"
     for cell in notebook.cells:

@@ -19,6 +19,7 @@ CHAPTER_MODULES = sorted(m.name for m in pkgutil.iter_modules(__path__) if re.fu
 for _name in CHAPTER_MODULES:
     globals()[_name] = importlib.import_module(f".{_name}", __name__)
 
-__all__ = ["core", *CHAPTER_MODULES, "CheckFailed", "ExerciseNotDone", "check_function", "expect"]
+__all__ = ["CheckFailed", "ExerciseNotDone", "check_function", "core", "expect"]
+__all__.extend(CHAPTER_MODULES)
 
 core.seal()  # record the grading code before any learner code runs (see core.guard)
