@@ -12,8 +12,13 @@ One module per concept; each function's docstring names the chapter that teaches
     pretrained  MiniLM BERT and GPT-2 weights in the course's code     (chapter 04)
     train       batches, schedule, AdamW, loop, checkpoints            (chapter 05)
     generate    temperature, top-k and top-p sampling                  (chapter 05)
+    kv_cache    KV cache, prefill/decode, GQA/MQA, cache memory        (chapter 07)
+    efficient_attention  sparse masks, linear and tiled attention, peak memory  (chapter 08)
+    triton_attention     a FlashAttention kernel in Triton (optional, GPU)     (chapter 08)
+    quant       int8/int4/NF4/ternary quantization, QuantizedLinear, QAT (chapter 09)
     timing      best-of-N timing for notebooks and benchmarks
-    viz         plots and the closing results table of each chapter
+    viz         plots, results tables, attention widgets, offline bertviz views (chapters 02, 06)
+    interpret   head scores, attention rollout, saliency, linear probes (chapter 06)
     checks      graders for the exercises, one module per chapter
 
 ``QUICK`` is the one switch a notebook may read to shorten long training loops
