@@ -17,7 +17,7 @@ LATER_CHAPTERS = sorted(p.name for p in (ROOT / "solutions").iterdir()
 
 
 def _course_env(folder):
-    """A fresh cache holding the real corpus (copied, so nothing downloads), as on a grader's machine."""
+    """A fresh cache holding the real corpus and MiniLM (copied, so nothing downloads), as on a grader's machine."""
     from utils import data
 
     cache = folder / "cache"
@@ -27,6 +27,9 @@ def _course_env(folder):
     for name in ("shakespeare.txt", "shakespeare.source"):
         if (source / name).exists():
             shutil.copy(source / name, cache / name)
+    minilm = data.minilm_path(verbose=False)  # chapters 04 and 06 load it; the suite's own cache has it after the first use
+    if minilm.is_relative_to(source):
+        shutil.copytree(minilm, cache / minilm.relative_to(source))
     return {"COURSE_CACHE": str(cache), "COURSE_QUICK": "1"}
 
 
