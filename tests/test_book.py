@@ -175,6 +175,17 @@ def test_pages_render_in_a_browser_with_the_network_closed(site):
                 page.screenshot(path=str(shots / f"book_{slug}_solution_folded.png"))
                 toggle.click()
                 page.screenshot(path=str(shots / f"book_{slug}_solution_shown.png"))
+                bertviz_views = sum("course-bertviz" in o.get("data", {}).get("text/html", "")
+                                    for c in notebook.cells for o in c.get("outputs", []))
+                if bertviz_views:
+                    views = page.locator(".course-bertviz")
+                    assert views.count() == bertviz_views, f"{relative}: {views.count()} of {bertviz_views} bertviz views"
+                    for index in range(bertviz_views):
+                        view = views.nth(index)
+                        view.locator("svg").first.wait_for(state="attached", timeout=30_000)
+                        assert view.locator("svg *").count() > 50, f"{relative}: bertviz view {index + 1} drew an empty SVG"
+                        view.scroll_into_view_if_needed()
+                        page.screenshot(path=str(shots / f"book_{slug}_bertviz_{index + 1}.png"))
                 if _shows_widgets(notebook):
                     widget = page.locator(".jupyter-widgets, .widget-box, .widget-dropdown").first
                     widget.wait_for(state="attached", timeout=30_000)
