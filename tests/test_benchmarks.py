@@ -21,3 +21,30 @@ def test_training_benchmark_runs_both_configurations():
     assert done.returncode == 0, done.stderr[-3000:]
     assert "course default (chapter 05)" in done.stdout and "nanoGPT CPU configuration" in done.stdout
     assert "in the course's favour" in done.stdout and "tokens/s" in done.stdout
+
+
+def test_attention_benchmark_runs_all_methods():
+    done = subprocess.run([sys.executable, "benchmarks/attention.py", "--lengths", "64", "128", "--repeat", "1",
+                           "--heads", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "naive ms" in done.stdout and "sdpa MiB" in done.stdout
+    assert "largest difference" in done.stdout and "(within 1e-5)" in done.stdout
+    assert "x below naive" in done.stdout and "growth exponents" in done.stdout
+
+
+def test_quantization_benchmark_runs_and_reports_every_goal():
+    command = [sys.executable, "benchmarks/quantization.py", "--steps", "2", "--eval-batches", "1",
+               "--eval-batch-size", "2", "--batch-size", "2"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "loss ratio" in done.stdout and "size ratio" in done.stdout and "gap recovered" in done.stdout
+    assert "of 6 goals met" in done.stdout
+
+
+def test_kv_cache_benchmark_asserts_identical_tokens_and_prints_ratios():
+    done = subprocess.run([sys.executable, "benchmarks/kv_cache.py", "--tokens", "24", "--repeat", "1"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "identical tokens with and without the cache: all 24 of them" in done.stdout
+    assert "x faster with the KV cache" in done.stdout and "tokens/s" in done.stdout
+    assert "equal to the formula" in done.stdout
