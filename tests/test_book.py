@@ -174,6 +174,7 @@ def test_pages_render_in_a_browser_with_the_network_closed(site):
                 toggle.scroll_into_view_if_needed()
                 page.screenshot(path=str(shots / f"book_{slug}_solution_folded.png"))
                 toggle.click()
+                page.wait_for_timeout(600)  # the toggle's opening animation
                 page.screenshot(path=str(shots / f"book_{slug}_solution_shown.png"))
                 bertviz_views = sum("course-bertviz" in o.get("data", {}).get("text/html", "")
                                     for c in notebook.cells for o in c.get("outputs", []))
