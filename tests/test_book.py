@@ -39,7 +39,8 @@ def test_the_table_of_contents_lists_every_chapter():
         assert f"chapters/{name}" in listed, f"book/_toc.yml has no page for {name}"
     pages = [f for f in listed if not f.startswith("chapters/")]
     for page in pages:
-        assert (ROOT / "book" / f"{page}.md").exists(), f"book/_toc.yml lists {page}, which has no .md file"
+        source = book_tool.STAGED_PAGES.get(page, ROOT / "book" / f"{page}.md")
+        assert source.exists(), f"book/_toc.yml lists {page}, which has no source file"
 
 
 def test_a_page_folds_answers_and_drops_hidden_tests():

@@ -134,9 +134,14 @@ def stage(name: str, notebook: nbformat.NotebookNode, folder: Path = STAGED) -> 
     return path
 
 
+# Pages whose source lives outside book/: staged into it (and git-ignored there) at every build.
+STAGED_PAGES = {"instructors": ROOT / "INSTRUCTORS.md"}
+
+
 def stage_pages(folder: Path = BOOK) -> None:
     """Copy the pages that live outside book/ into it: the instructor guide is INSTRUCTORS.md itself."""
-    (folder / "instructors.md").write_text((ROOT / "INSTRUCTORS.md").read_text())
+    for page, source in STAGED_PAGES.items():
+        (folder / f"{page}.md").write_text(source.read_text())
 
 
 def build(source: Path = BOOK, output: Path | None = None, timeout: int = 900) -> Path:
