@@ -20,6 +20,7 @@ import pytest
 import yaml
 from browser import artifacts_dir, chromium_page, free_port, server
 from conftest import ROOT, executed_solution, nbgrader_meta
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 import book as book_tool
 
@@ -158,7 +159,10 @@ def test_pages_render_in_a_browser_with_the_network_closed(site):
         for relative in pages:
             before = len(problems)
             page.goto(f"http://127.0.0.1:{port}/{relative}", wait_until="load")
-            page.wait_for_load_state("networkidle")
+            try:  # best effort: the checks below wait for each thing they look at
+                page.wait_for_load_state("networkidle", timeout=15_000)
+            except PlaywrightTimeout:
+                pass  # once in CI a page never went idle for 60 s; every request it made is still checked
             slug = relative.removesuffix(".html").replace("/", "_")
             assert page.locator("main h1, article h1").count() >= 1, f"{relative} has no title"
             if relative.startswith("chapters/"):
