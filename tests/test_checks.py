@@ -216,3 +216,27 @@ def test_chapter01_checks_accept_correct_answers():
     one_hot = lambda ids, w: F.one_hot(ids, w.shape[0]).to(w.dtype) @ w  # noqa: E731
     checks.ch01.check_embed_one_hot(one_hot)
     checks.ch01.check_embedding_gradient(one_hot)
+
+
+def _every_check():
+    import inspect
+
+    for module_name in checks.CHAPTER_MODULES:
+        module = getattr(checks, module_name)
+        for name, function in inspect.getmembers(module, inspect.isfunction):
+            if name.startswith("check_") and function.__module__ == module.__name__:
+                yield pytest.param(function, id=f"{module_name}.{name}")
+
+
+@pytest.mark.parametrize("check", list(_every_check()))
+def test_every_check_says_an_unattempted_exercise_is_not_done(check):
+    """Each check of every chapter, given the student version's stub, says "not implemented yet" in one line."""
+    import inspect
+
+    def stub(*args, **kwargs):
+        raise NotImplementedError()
+
+    learner_functions = [p for p in inspect.signature(check).parameters.values() if p.default is inspect.Parameter.empty]
+    with pytest.raises(checks.ExerciseNotDone) as info:
+        check(*[stub] * len(learner_functions))
+    assert "not implemented yet" in str(info.value) and "\n" not in str(info.value)
