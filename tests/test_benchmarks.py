@@ -48,3 +48,11 @@ def test_kv_cache_benchmark_asserts_identical_tokens_and_prints_ratios():
     assert "identical tokens with and without the cache: all 24 of them" in done.stdout
     assert "x faster with the KV cache" in done.stdout and "tokens/s" in done.stdout
     assert "equal to the formula" in done.stdout
+
+
+def test_lora_benchmark_runs_and_reports_every_goal():
+    command = [sys.executable, "benchmarks/lora.py", "--steps", "2", "--eval-batches", "1", "--batch-size", "2"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "new-domain loss ratio" in done.stdout and "QLoRA's NF4" in done.stdout
+    assert "of 3 goals met" in done.stdout and "falls under 1% of the parameters from width" in done.stdout

@@ -16,6 +16,7 @@ One module per concept; each function's docstring names the chapter that teaches
     efficient_attention  sparse masks, linear and tiled attention, peak memory  (chapter 08)
     triton_attention     a FlashAttention kernel in Triton (optional, GPU)     (chapter 08)
     quant       int8/int4/NF4/ternary quantization, QuantizedLinear, QAT (chapter 09)
+    lora        LoRA, DoRA, QLoRA and BitFit; merging; fine-tuning compared  (chapter 10)
     timing      best-of-N timing for notebooks and benchmarks
     viz         plots, results tables, attention widgets, offline bertviz views (chapters 02, 06)
     interpret   head scores, attention rollout, saliency, linear probes (chapter 06)

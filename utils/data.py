@@ -214,3 +214,50 @@ if __name__ == "__main__":  # `python -m utils.data`: fetch and cache the corpus
     corpus = load_shakespeare()
     print(f"{len(set(corpus))} distinct characters.")
     print(f"MiniLM-L6 (chapters 04 and 06) ready in {minilm_path()}")
+
+
+# ---------------------------------------------------------------- a second domain (chapter 10)
+
+# Characters the Shakespeare vocabulary lacks, mapped to the nearest one it has; any other
+# unknown character becomes a space. The character model can only read its 77 characters.
+LOOKALIKES = {"’": "'", "‘": "'", "“": '"', "”": '"', "—": "-", "–": "-", "…": "...", "_": "-",
+              "0": "O", "9": "8", "}": "]", "<": "(", ">": ")", "#": "-", "*": "'", "=": "-", "+": "&"}
+
+
+def load_python_docs() -> str:
+    """About 465,000 characters of Python's reference documentation: chapter 10's new domain.
+
+    CPython ships its own help texts (the ``pydoc_data.topics`` module behind ``help("if")``), so
+    this needs no download on any machine that runs Python. Technical English about code is far
+    from Elizabethan verse: a model trained on one is measurably bad at the other. Where a Python
+    build leaves ``pydoc_data`` out, the docstrings of the standard library modules stand in.
+    """
+    try:
+        from pydoc_data.topics import topics
+        return "\n".join(topics[key] for key in sorted(topics))
+    except ImportError:  # pragma: no cover - only stripped-down Python builds lack pydoc_data
+        import importlib
+        texts = []
+        for name in sorted(sys.stdlib_module_names):
+            try:
+                module = importlib.import_module(name)
+            except Exception:  # noqa: BLE001, S112 - a module that does not import has no docstring to give
+                continue
+            for value in (module, *vars(module).values()):
+                doc = getattr(value, "__doc__", None)
+                if isinstance(doc, str) and len(doc) > 200:
+                    texts.append(doc)
+        return "\n\n".join(dict.fromkeys(texts))
+
+
+def fit_to_vocabulary(text: str, vocabulary) -> str:
+    """``text`` with each character outside ``vocabulary`` replaced by a lookalike, or else a space (chapter 10)."""
+    known = set(vocabulary)
+    out = []
+    for character in text:
+        if character in known:
+            out.append(character)
+        else:
+            substitute = LOOKALIKES.get(character, " ")
+            out.append(substitute if set(substitute) <= known else " ")
+    return "".join(out)

@@ -85,6 +85,12 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=config.max_lr, betas=(config.beta1, config.beta2))
 
 
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor an optimiser keeps between steps (AdamW: two per trainable parameter; chapter 10)."""
+    return sum(value.numel() * value.element_size() for state in optimizer.state.values()
+               for value in state.values() if isinstance(value, torch.Tensor))
+
+
 @torch.no_grad()
 def evaluate(model: GPT, data: torch.Tensor, batch_size: int, batches: int, seed: int = 0) -> float:
     """Mean cross-entropy over ``batches`` fixed random batches of ``data`` (same batches every call)."""
@@ -133,6 +139,7 @@ class History:
     grad_norms: list[float] = field(default_factory=list)  # per step, before clipping
     seconds: list[float] = field(default_factory=list)  # wall time at each evaluation
     tokens_per_second: float = 0.0
+    optimizer_state_bytes: int = 0  # AdamW's two moments per trainable parameter, measured at the end (chapter 10)
 
     @property
     def best_val_loss(self) -> float:
@@ -176,6 +183,7 @@ def train(model: GPT, train_data: torch.Tensor, val_data: torch.Tensor, config: 
                 break
     elapsed = time.perf_counter() - start
     history.tokens_per_second = len(history.learning_rates) * config.batch_size * context / max(elapsed, 1e-9)
+    history.optimizer_state_bytes = optimizer_state_bytes(optimizer)
     model.eval()
     return history
 
