@@ -369,7 +369,7 @@ def domain_tensors(tokenizer, val_fraction: float = 0.1) -> tuple[torch.Tensor, 
 
     text = fit_to_vocabulary(load_python_docs(), tokenizer.vocab)
     train_text, val_text = train_val_split(text, val_fraction)
-    encode = lambda s: torch.tensor(tokenizer.encode(s), dtype=torch.long)  # noqa: E731
+    encode = lambda s: torch.tensor(tokenizer.encode(s), dtype=torch.long)
     return encode(train_text), encode(val_text)
 
 

@@ -136,8 +136,8 @@ def check_lora_forward(lora_forward: Callable, cases: int = 6, seed: int = 2) ->
 
 
 _MERGE_MISTAKES = (
-    ("forgot the alpha / r scale when merging, so the merged layer computes W + B A, not what the adapter "
-     "computed", lambda w, a, b, alpha, r: w + b @ a),
+    (("forgot the alpha / r scale when merging, so the merged layer computes W + B A, not what the adapter "
+      "computed"), lambda w, a, b, alpha, r: w + b @ a),
     ("scaled by r / alpha instead of alpha / r", lambda w, a, b, alpha, r: w + (r / alpha) * (b @ a)),
     ("subtracted the update (that is unmerging); merging adds (alpha / r) B A",
      lambda w, a, b, alpha, r: w - (alpha / r) * (b @ a)),
