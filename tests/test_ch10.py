@@ -264,16 +264,13 @@ def test_dora_check_names_the_mistake(answer, phrase):
     assert phrase in rejection(ch10.check_dora_weight, answer)
 
 
-def test_dora_with_dropout_computes_the_same_in_eval_mode(base):
-    """The dropout path (base on x, update on dropped-out x) equals the plain DoRA weight when dropout is off."""
+def test_dora_layer_is_dora_weight_and_dropout_reaches_only_the_update(base):
     torch.manual_seed(3)
-    plain = lora.DoRALinear(copy.deepcopy(base.blocks[0].mlp.up), rank=4, alpha=8)
-    with_dropout = copy.deepcopy(plain)
-    with_dropout.dropout = torch.nn.Dropout(0.1)
+    layer = lora.DoRALinear(copy.deepcopy(base.blocks[0].mlp.up), rank=4, alpha=8, dropout=0.5)
     with torch.no_grad():
-        for layer in (plain, with_dropout):
-            layer.lora_B.copy_(torch.linspace(-0.2, 0.2, layer.lora_B.numel()).reshape(layer.lora_B.shape))
+        layer.lora_B.copy_(torch.linspace(-0.2, 0.2, layer.lora_B.numel()).reshape(layer.lora_B.shape))
+        layer.magnitude.mul_(1.1)
     x = torch.randn(2, 7, SMALL.d_model)
-    torch.testing.assert_close(with_dropout.eval()(x), plain.eval()(x), atol=1e-5, rtol=1e-5)
-    with_dropout.train()
-    assert not torch.allclose(with_dropout(x), plain(x))  # in training the update sees a dropped-out input
+    weight = lora.dora_weight(layer.base.weight, layer.lora_A, layer.lora_B, layer.magnitude, 8, 4)
+    torch.testing.assert_close(layer.eval()(x), F.linear(x, weight), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(layer.train()(x), F.linear(x, weight))  # in training the update sees dropped-out x

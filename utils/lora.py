@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quant import QuantizedLinear
+from .quant import QuantizedLinear, replace_module, unique_bytes
 
 ATTENTION = ("query", "key", "value", "out")
 MLP = ("gate", "up", "down")
@@ -158,16 +158,13 @@ class DoRALinear(LoRALinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base(x)
-        weight = dora_weight(_base_weight(self.base), self.lora_A, self.lora_B, self.magnitude, self.alpha, self.rank)
-        bias = getattr(self.base, "bias", None)
-        if isinstance(self.dropout, nn.Identity):
-            return F.linear(x, weight, bias)
-        # With dropout, as peft does: the base path sees x, the update path the dropped-out x.
         base_weight = _base_weight(self.base)
+        # x · dora_weight(...)ᵀ, written as magnitude / ‖W + ΔW‖ times (x Wᵀ + update), as peft does, so that
+        # dropout reaches only the update path. The row norms are constants in backward, as in dora_weight.
         norms = merge_lora(base_weight, self.lora_A, self.lora_B, self.alpha, self.rank).norm(dim=1).detach()
-        factor = self.magnitude / norms
         update = lora_update(self.dropout(x), self.lora_A, self.lora_B, self.scale)
-        out = factor * (F.linear(x, base_weight) + update)
+        out = self.magnitude / norms * (F.linear(x, base_weight) + update)
+        bias = getattr(self.base, "bias", None)
         return out + bias if bias is not None else out
 
     @torch.no_grad()
@@ -206,11 +203,6 @@ def _targets(model: nn.Module, targets: Iterable[str]) -> list[tuple[str, nn.Mod
     return found
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, targets: Iterable[str] = ALL_PROJECTIONS,
              dora: bool = False, dropout: float = 0.0, seed: int = 0) -> nn.Module:
     """Freeze ``model`` and wrap each linear layer named in ``targets`` in a LoRA (or DoRA) layer, in place.
@@ -222,7 +214,7 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, targets: Iter
     generator = torch.Generator().manual_seed(seed)
     layer = DoRALinear if dora else LoRALinear
     for name, module in _targets(model, targets):
-        _replace(model, name, layer(module, rank, alpha, dropout, generator))
+        replace_module(model, name, layer(module, rank, alpha, dropout, generator))
     return model
 
 
@@ -247,7 +239,7 @@ def merged_copy(model: nn.Module) -> nn.Module:
     model = copy.deepcopy(model)
     for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]:
         module.merge()
-        _replace(model, name, module.base)
+        replace_module(model, name, module.base)
     for parameter in model.parameters():
         parameter.requires_grad_(True)
     return model
@@ -294,13 +286,7 @@ def count_parameters(model: nn.Module) -> ParameterCount:
 def frozen_bytes(model: nn.Module) -> int:
     """Bytes of everything in the state dict that does not train: the base model's memory (shared tensors once)."""
     trainable = {name for name, parameter in model.named_parameters(remove_duplicate=False) if parameter.requires_grad}
-    seen, total = set(), 0
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel())
-        if name not in trainable and key not in seen:
-            seen.add(key)
-            total += tensor.numel() * tensor.element_size()
-    return total
+    return unique_bytes(tensor for name, tensor in model.state_dict().items() if name not in trainable)
 
 
 def lora_parameter_fraction(shapes: Iterable[tuple[int, int]], rank: int, total: int) -> float:
@@ -366,11 +352,11 @@ def finetune(model: nn.Module, method: str, train_data: torch.Tensor, val_data: 
 def domain_tensors(tokenizer, val_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
     """Chapter 10's new domain, Python's documentation, as the course tokenizer's ids: ``(train, val)``."""
     from .data import fit_to_vocabulary, load_python_docs, train_val_split
+    from .train import token_tensor
 
     text = fit_to_vocabulary(load_python_docs(), tokenizer.vocab)
     train_text, val_text = train_val_split(text, val_fraction)
-    encode = lambda s: torch.tensor(tokenizer.encode(s), dtype=torch.long)
-    return encode(train_text), encode(val_text)
+    return token_tensor(tokenizer, train_text), token_tensor(tokenizer, val_text)
 
 
 # ---------------------------------------------------------------- the chapter's comparison

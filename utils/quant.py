@@ -320,7 +320,7 @@ def prepare_qat(model: nn.Module, scheme: str = "int4", group_size: int | None =
     """A copy of ``model`` with every Linear (except ``skip``) replaced by a :class:`FakeQuantLinear` (chapter 09)."""
     model = copy.deepcopy(model)
     for name, linear in _linears(model, skip):
-        _replace(model, name, FakeQuantLinear.from_linear(linear, scheme, group_size))
+        replace_module(model, name, FakeQuantLinear.from_linear(linear, scheme, group_size))
     return model
 
 
@@ -548,7 +548,8 @@ def _linears(model: nn.Module, skip: Iterable[str]) -> list[tuple[str, nn.Linear
             if isinstance(module, nn.Linear) and name not in skip]
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule called ``name`` (dotted, as named_modules gives it) was (chapters 09-10)."""
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
@@ -568,19 +569,24 @@ def quantize_model(model: nn.Module, scheme: str = "int8", group_size: int | Non
         if isinstance(linear, FakeQuantLinear) and (scheme, group_size) != (linear.scheme, linear.group_size):
             raise ValueError(f"{name} trained for {linear.scheme} (group_size={linear.group_size}), "
                              f"not {scheme} (group_size={group_size}).")
-        _replace(model, name, QuantizedLinear.from_linear(linear, scheme, group_size))
+        replace_module(model, name, QuantizedLinear.from_linear(linear, scheme, group_size))
     return model
 
 
-def storage_bytes(model: nn.Module) -> int:
-    """Bytes of every tensor in the state dict, a tensor shared by two names (tied weights) once (chapter 09)."""
+def unique_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of ``tensors``, counting a tensor that two names share (tied weights) once."""
     seen, total = set(), 0
-    for tensor in model.state_dict().values():
+    for tensor in tensors:
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel(), tensor.dtype)
         if key not in seen:
             seen.add(key)
             total += tensor.numel() * tensor.element_size()
     return total
+
+
+def storage_bytes(model: nn.Module) -> int:
+    """Bytes of every tensor in the state dict, a tensor shared by two names (tied weights) once (chapter 09)."""
+    return unique_bytes(model.state_dict().values())
 
 
 def bits_per_weight(bits: int, group_size: int | None, in_features: int, scale_bits: int = 16) -> float:

@@ -250,8 +250,12 @@ def corpus_tensors() -> tuple[torch.Tensor, torch.Tensor, "CharTokenizer"]:  # n
     text = load_shakespeare(verbose=False)
     tokenizer = CharTokenizer.train(text)
     train_text, val_text = train_val_split(text, 0.1)
-    encode = lambda s: torch.tensor(tokenizer.encode(s), dtype=torch.long)  # noqa: E731
-    return encode(train_text), encode(val_text), tokenizer
+    return token_tensor(tokenizer, train_text), token_tensor(tokenizer, val_text), tokenizer
+
+
+def token_tensor(tokenizer, text: str) -> torch.Tensor:
+    """``text`` as a 1-D ``long`` tensor of the tokenizer's ids."""
+    return torch.tensor(tokenizer.encode(text), dtype=torch.long)
 
 
 def main() -> None:

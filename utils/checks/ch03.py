@@ -34,6 +34,7 @@ from ..positions import apply_rope as _apply_rope
 from ..positions import rope_frequencies as _rope_frequencies
 from ..positions import sinusoidal_positions as _sinusoidal_positions
 from .core import Case, CheckFailed, Forbidden, call_learner, describe, difference
+from .core import function_name as _name
 
 # Exercise 2 builds attention out of matrix products and a softmax: every ready-made attention is a shortcut.
 _ATTENTION_SHORTCUTS = (
@@ -85,10 +86,6 @@ def _largest_difference(got, expected) -> float:
     if isinstance(expected, (tuple, list)):
         return max((_largest_difference(a, b) for a, b in zip(got, expected)), default=0.0)
     return 0.0
-
-
-def _name(fn: Callable, default: str) -> str:
-    return getattr(fn, "__name__", default)
 
 
 def _dtype(tensor: torch.Tensor) -> str:

@@ -25,12 +25,9 @@ from ..generate import top_p_filter as _top_p_filter
 from ..train import get_batch as _get_batch
 from ..train import learning_rate as _learning_rate
 from .core import Case, CheckFailed, Forbidden, call_learner, describe, difference
+from .core import function_name as _name
 
 _torch_cross_entropy = F.cross_entropy
-
-
-def _name(fn: Callable, default: str) -> str:
-    return getattr(fn, "__name__", default)
 
 
 def _run(fn: Callable, args: tuple, name: str, label: str, reference: Callable, forbidden: tuple = ()):

@@ -23,10 +23,7 @@ from ..interpret import fit_linear_probe as _fit_linear_probe
 from ..interpret import gradient_times_input as _gradient_times_input
 from ..interpret import previous_token_score as _previous_token_score
 from .core import Case, CheckFailed, call_learner, check_function, describe, difference
-
-
-def _name(fn: Callable, default: str) -> str:
-    return getattr(fn, "__name__", default)
+from .core import function_name as _name
 
 
 def _attention_weights(case: Case, *leading: int, length: int) -> torch.Tensor:

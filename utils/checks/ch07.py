@@ -36,12 +36,9 @@ from .core import (
     describe,
     difference,
 )
+from .core import function_name as _name
 
 _FLOAT32_TOLERANCE = {"atol": 1e-5, "rtol": 1e-4}  # different but correct orders of float32 sums differ by ~1e-6
-
-
-def _name(fn: Callable, default: str) -> str:
-    return getattr(fn, "__name__", default)
 
 
 def _run(fn: Callable, args: tuple, name: str, label: str, reference: Callable, forbidden: tuple = ()):

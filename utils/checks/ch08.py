@@ -37,13 +37,10 @@ from ..efficient_attention import online_softmax_update as _online_softmax_updat
 from ..efficient_attention import sliding_window_mask as _sliding_window_mask
 from ..efficient_attention import tiled_attention as _tiled_attention
 from .core import Case, CheckFailed, Forbidden, call_learner, describe, difference
+from .core import function_name as _name
 
 _torch_attention = F.scaled_dot_product_attention
 MINUS_INF = float("-inf")
-
-
-def _name(fn: Callable, default: str) -> str:
-    return getattr(fn, "__name__", default)
 
 
 def _run(fn: Callable, args: tuple, name: str, label: str, reference: Callable, forbidden: tuple = ()):

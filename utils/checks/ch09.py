@@ -34,6 +34,7 @@ from ..quant import pack_int4 as _pack_int4
 from ..quant import unpack_int4 as _unpack_int4
 from ..quant import zero_point_quantize as _zero_point_quantize
 from .core import Case, CheckFailed, call_learner, describe, difference
+from .core import function_name as _name
 
 _ROUND_HINT = ("use torch.round, which rounds to the nearest integer with halves going to the even neighbour "
                "(this test input has values exactly halfway between two codes)")
@@ -44,10 +45,6 @@ _ROUNDING_MISTAKES = (
     ("rounds halves up (floor(x + 0.5))", lambda r: torch.floor(r + 0.5)),
     ("rounds halves away from zero", lambda r: torch.sign(r) * torch.floor(r.abs() + 0.5)),
 )
-
-
-def _name(fn: Callable, default: str) -> str:
-    return getattr(fn, "__name__", default)
 
 
 def _run(fn: Callable, args: tuple, name: str, label: str, reference: Callable):

@@ -27,11 +27,16 @@ from ..lora import dora_weight as _dora_weight
 from ..lora import init_lora as _init_lora
 from ..lora import lora_forward as _lora_forward
 from ..lora import merge_lora as _merge_lora
-from .core import Case, CheckFailed, call_learner, check_function, describe, difference
-
-
-def _name(fn: Callable, default: str) -> str:
-    return getattr(fn, "__name__", default)
+from .core import (
+    Case,
+    CheckFailed,
+    _name_the_mistake,
+    call_learner,
+    check_function,
+    describe,
+    difference,
+)
+from .core import function_name as _name
 
 
 def _adapter(case: Case) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, int]:
@@ -162,10 +167,7 @@ def check_merge_lora(merge_lora: Callable, cases: int = 6, seed: int = 3) -> Non
                                   f"(weight + ...), so that the base weight stays as it was and the adapter "
                                   f"can be taken out again.")
             continue
-        if isinstance(got, torch.Tensor) and got.shape == expected.shape:
-            for phrase, wrong in _MERGE_MISTAKES:
-                if difference(got, wrong(*args), atol=1e-5, rtol=1e-5) is None:
-                    raise CheckFailed(f"`{name}` {phrase} {label}.")
+        _name_the_mistake(got, expected, args, _MERGE_MISTAKES, name, index, atol=1e-5, rtol=1e-5)
         if isinstance(got, torch.Tensor) and got.dim() == 2 and tuple(got.shape) == tuple(reversed(expected.shape)):
             raise CheckFailed(f"`{name}` returned shape {tuple(got.shape)} {label}, the transpose of the weight's "
                               f"{tuple(expected.shape)}; the update is B A (out, r)·(r, in), not Aᵀ Bᵀ.")

@@ -89,6 +89,11 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def function_name(fn: Callable, default: str) -> str:
+    """The name of the learner's function, or ``default`` when the object has none."""
+    return getattr(fn, "__name__", default)
+
+
 def _qualified(fn: Callable) -> str:
     module = getattr(fn, "__module__", "") or ""
     return f"{module}.{getattr(fn, '__name__', 'function')}".lstrip(".")
