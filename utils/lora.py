@@ -317,11 +317,6 @@ class FineTuneResult:
     def fraction(self) -> float:
         return self.trainable / self.total
 
-    @property
-    def forgetting(self) -> float:
-        """How much the old domain's loss rose: the price of the new skill."""
-        return self.old_domain_after - self.old_domain_before
-
 
 def finetune(model: nn.Module, method: str, train_data: torch.Tensor, val_data: torch.Tensor,
              old_val_data: torch.Tensor, config, device: torch.device | str = "cpu",
